@@ -27,10 +27,13 @@ from transformers.models.resnet.modeling_resnet import ResNetModel
 from transformers.utils import ModelOutput
 
 
+# Importing the processor module registers KifProcessor with AutoProcessor, so importing the model is enough.
 try:
     from .configuration_kif import GENERATION_PRESETS, KifConfig
+    from .processing_kif import KifProcessor  # noqa: F401
 except ImportError:  # imported as a top-level module (project installed or on sys.path), not as remote code
     from configuration_kif import GENERATION_PRESETS, KifConfig
+    from processing_kif import KifProcessor  # noqa: F401
 
 
 IGNORE_INDEX = -100
