@@ -353,10 +353,8 @@ class KifForConditionalGeneration(KifPreTrainedModel, GenerationMixin):
         # Image-independent states reused across calls in inference (see `image_independent_states`).
         self._constant_states_cache = None
         # `save_pretrained` records the `AutoModel` entry of `auto_map` itself; add the task-specific Auto class too.
-        config.auto_map = {
-            **(config.auto_map or {}),
-            "AutoModelForImageTextToText": f"{__name__.split('.')[-1]}.{type(self).__name__}",
-        }
+        model_class = f"{__name__.split('.')[-1]}.{type(self).__name__}"
+        config.auto_map = {**(getattr(config, "auto_map", None) or {}), "AutoModelForImageTextToText": model_class}
 
         self.post_init()
         self.generation_config = GenerationConfig(

@@ -5,3 +5,27 @@ from pathlib import Path
 # The project's modules are top-level files in the repository root; make them importable without installation too.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data fixtures (data_kif.py): a small synthetic data set shared by the tests of one session.
+# ---------------------------------------------------------------------------------------------------------------------
+import pytest  # noqa: E402
+
+
+SYNTHETIC_TEST_STUDIES = 120
+SYNTHETIC_TEST_RETRIEVED_REPORTS = 5
+SYNTHETIC_TEST_EMBEDDING_DIM = 32
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory) -> Path:
+    """A synthetic data set (120 studies, k=5 retrieved reports, 32-dim features) in PromptMRG's file formats."""
+    from data_kif import make_synthetic_dataset
+
+    return make_synthetic_dataset(
+        tmp_path_factory.mktemp("synthetic"),
+        num_studies=SYNTHETIC_TEST_STUDIES,
+        num_retrieved_reports=SYNTHETIC_TEST_RETRIEVED_REPORTS,
+        report_embedding_dim=SYNTHETIC_TEST_EMBEDDING_DIM,
+    )
