@@ -29,3 +29,18 @@ def synthetic_dir(tmp_path_factory) -> Path:
         num_retrieved_reports=SYNTHETIC_TEST_RETRIEVED_REPORTS,
         report_embedding_dim=SYNTHETIC_TEST_EMBEDDING_DIM,
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_synthetic_dir(tmp_path_factory) -> Path:
+    """A small synthetic data set whose retrieval features fit configs/kif-tiny (k=21, 64-dim)."""
+    from configuration_kif import KifConfig
+    from data_kif import make_synthetic_dataset
+
+    config = KifConfig.from_pretrained(Path(__file__).resolve().parent.parent / "configs" / "kif-tiny")
+    return make_synthetic_dataset(
+        tmp_path_factory.mktemp("tiny-synthetic"),
+        num_studies=40,
+        num_retrieved_reports=config.num_retrieved_reports,
+        report_embedding_dim=config.report_embedding_dim,
+    )
