@@ -1,10 +1,18 @@
+import os
 import sys
 from pathlib import Path
+
+import torch
 
 
 # The project's modules are top-level files in the repository root; make them importable without installation too.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# Under pytest-xdist every worker would start one thread per core: with 2 workers on 2 cores the OpenMP threads
+# oversubscribe the CPU and spin against each other. One thread per worker is faster overall.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
