@@ -20,6 +20,25 @@ REPORTS = [
 ]
 
 
+# Preamble of scripts run in a fresh interpreter that must not import the project: only the code files that
+# `save_pretrained` wrote next to the weights (loaded with trust_remote_code) can serve.
+HIDE_PROJECT_PREAMBLE = """
+import sys
+
+PROJECT_MODULES = {"configuration_kif", "modeling_kif", "processing_kif"}
+
+
+class HideProject:
+    def find_spec(self, name, path=None, target=None):
+        if name in PROJECT_MODULES:
+            raise ModuleNotFoundError(f"{name} is hidden from this process")
+        return None
+
+
+sys.meta_path.insert(0, HideProject())
+"""
+
+
 class KifModelTester:
     """Builds the tiny model and inputs of known shapes."""
 

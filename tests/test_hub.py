@@ -17,7 +17,7 @@ from huggingface_hub.utils import filter_repo_objects
 from PIL import Image
 
 from hub_kif import files_to_upload, main, make_model_card, push_output_dir
-from kif_testing import KifModelTester
+from kif_testing import HIDE_PROJECT_PREAMBLE, KifModelTester
 
 
 REPO_ID = "radiology-lab/kif-isd-tiny"
@@ -51,25 +51,15 @@ GENERATION_KWARGS = {"num_beams": 2, "max_new_tokens": 6, "min_new_tokens": 0}
 
 # Runs in a fresh interpreter that cannot import the project: only the uploaded files can serve. It follows the model
 # card's snippet.
-FRESH_PROCESS_SCRIPT = textwrap.dedent(
+FRESH_PROCESS_SCRIPT = HIDE_PROJECT_PREAMBLE + textwrap.dedent(
     """
     import json
-    import sys
 
     import torch
     from PIL import Image
 
-    PROJECT_MODULES = {"configuration_kif", "modeling_kif", "processing_kif"}
-
-    class HideProject:
-        def find_spec(self, name, path=None, target=None):
-            if name in PROJECT_MODULES:
-                raise ModuleNotFoundError(f"{name} is hidden from this process")
-            return None
-
     project_root, model_dir, image_file, outputs_file, generation = sys.argv[1:6]
     sys.path = [entry for entry in sys.path if entry != project_root]
-    sys.meta_path.insert(0, HideProject())
     from transformers import AutoModel, AutoProcessor
 
     model = AutoModel.from_pretrained(model_dir, trust_remote_code=True).eval()

@@ -7,25 +7,14 @@ import textwrap
 
 import torch
 
-from kif_testing import KifModelTester
+from kif_testing import HIDE_PROJECT_PREAMBLE, KifModelTester
 
 
 # Runs in a fresh interpreter: the project's modules are made unimportable, so only the copies that
 # `save_pretrained` wrote next to the weights can serve.
-FRESH_PROCESS_SCRIPT = textwrap.dedent(
+FRESH_PROCESS_SCRIPT = HIDE_PROJECT_PREAMBLE + textwrap.dedent(
     """
-    import sys
     import torch
-
-    PROJECT_MODULES = {"configuration_kif", "modeling_kif", "processing_kif"}
-
-    class HideProject:
-        def find_spec(self, name, path=None, target=None):
-            if name in PROJECT_MODULES:
-                raise ModuleNotFoundError(f"{name} is hidden from this process")
-            return None
-
-    sys.meta_path.insert(0, HideProject())
     from transformers import AutoModel, AutoProcessor
 
     model_dir, inputs_file, outputs_file = sys.argv[1:4]
