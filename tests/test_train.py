@@ -16,7 +16,6 @@ from safetensors.torch import load_file
 from transformers import AutoModel
 
 import run_train
-from data_kif import make_synthetic_dataset
 from modeling_kif import KifForConditionalGeneration
 from processing_kif import KifProcessor
 from run_train import EpochCosineSchedule, NonFiniteLossError, updated_base_probs
@@ -24,10 +23,8 @@ from run_train import EpochCosineSchedule, NonFiniteLossError, updated_base_prob
 
 REPO_DIR = Path(__file__).resolve().parent.parent
 TINY_DIR = REPO_DIR / "configs" / "kif-tiny"
-# 40 studies: 28 train, 6 validation, 6 test; the tiny model retrieves k = 21 reports of D = 64.
-NUM_STUDIES = 40
+# The conftest's tiny synthetic set: 40 studies, 28 of them in train.
 NUM_TRAIN = 28
-TINY_K, TINY_D = 21, 64
 TWO_PROCESS_TIMEOUT = 300  # seconds
 
 
@@ -52,13 +49,9 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return make_synthetic_dataset(
-        tmp_path_factory.mktemp("tiny-synthetic"),
-        num_studies=NUM_STUDIES,
-        num_retrieved_reports=TINY_K,
-        report_embedding_dim=TINY_D,
-    )
+def data_dir(tiny_synthetic_dir) -> Path:
+    """The session's synthetic data set sized for configs/kif-tiny (tests/conftest.py)."""
+    return tiny_synthetic_dir
 
 
 def train_argv(data_dir: Path, output_dir: Path, *extra: str) -> list[str]:
