@@ -32,6 +32,8 @@ hyper-parameters, then a results table against a trivial baseline.
 
 import argparse
 import copy
+import ctypes
+import ctypes.util
 import json
 import logging
 import math
@@ -138,6 +140,15 @@ PRESETS = {
 }
 # The paper's floor and warm-up start relative to the peak (5e-6 and 5e-7 for 5e-5), the defaults for any peak.
 MIN_LEARNING_RATE_RATIO = 0.1
+# glibc malloc settings for CPU training (mallopt parameter number -> value). By default glibc hands every freed
+# block of 128 KiB-32 MiB back to the kernel, so each step re-faults gigabytes of fresh zeroed pages: on a 2-core
+# CPU a quarter of the full-size step was kernel time (bench/bench_kif.py). Keeping freed memory in the heap, as
+# jemalloc and tcmalloc do, takes that away.
+GLIBC_MALLOPT = {
+    -3: 32 * 2**20,  # M_MMAP_THRESHOLD: blocks below 32 MiB (glibc's maximum) come from the heap
+    -1: 2**31 - 1,  # M_TRIM_THRESHOLD: never give the heap's top back
+    -2: 2**30,  # M_TOP_PAD: grow the heap in 1 GiB steps
+}
 WARMUP_START_LEARNING_RATE_RATIO = 0.01
 TRAINING_DATA_PRESET = "paper"
 EMBEDDED_DEFAULT_PRESET = "synthetic-demo"
@@ -222,6 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"Linear warm-up in optimiser steps, within the first epoch ({_preset_help('warmup_steps')}).")  # fmt: skip
     optim.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay of weight matrices.")
     optim.add_argument("--adam_betas", type=float, nargs=2, default=(0.9, 0.999), metavar=("BETA1", "BETA2"))
+    optim.add_argument("--fused_adamw", action=argparse.BooleanOptionalAction, default=True,
+                       help="torch's fused AdamW kernel (default); --no-fused_adamw for devices without one.")  # fmt: skip
+    optim.add_argument("--tune_cpu_allocator", action=argparse.BooleanOptionalAction, default=True,
+                       help="On a CPU, keep freed memory in glibc's heap (GLIBC_MALLOPT) instead of re-faulting it "
+                            "every step: full-size steps 1.2-1.4x faster on a 2-core CPU, about 7%% more resident memory.")  # fmt: skip
     optim.add_argument("--max_grad_value", type=float, default=0.1, help="Clip each gradient element to +-this.")
     optim.add_argument("--seed", type=int, default=42)
 
@@ -373,6 +389,20 @@ def configure_logging(accelerator: Accelerator) -> None:
     else:
         datasets.utils.logging.set_verbosity_error()
         transformers.utils.logging.set_verbosity_error()
+
+
+def keep_freed_memory_in_heap() -> bool:
+    """Apply GLIBC_MALLOPT to this process (and the data-loader workers it forks). Returns False, changing nothing,
+    where the C library is not glibc. Written by hand because no library of the field tunes the host allocator:
+    PyTorch's CPU performance guide recommends preloading jemalloc or tcmalloc, which a pip install cannot do."""
+    library = ctypes.util.find_library("c")
+    if library is None:
+        return False
+    libc = ctypes.CDLL(library)
+    if not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
+        return False
+    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return all(libc.mallopt(parameter, value) == 1 for parameter, value in GLIBC_MALLOPT.items())
 
 
 def warn_about_setup(accelerator: Accelerator) -> None:
@@ -544,6 +574,16 @@ def keep_frozen_batch_norms_in_eval(model: nn.Module) -> None:
             parameter.requires_grad for parameter in module.parameters()
         ):
             module.eval()
+
+
+def build_optimizer(
+    model: nn.Module, learning_rate: float, weight_decay: float, betas: tuple[float, float], fused: bool = True
+) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters. The fused kernel updates every parameter in one pass instead of a dozen
+    element-wise ops per tensor: on a 2-core CPU the full-size model's update drops from about 1 s to 0.17 s
+    (bench/bench_kif.py), a fifth of the step; the CUDA kernel likewise saves launches."""
+    groups = optimizer_parameter_groups(model, weight_decay)
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=tuple(betas), fused=fused)
 
 
 def optimizer_parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -935,9 +975,7 @@ def train_phase(
 
     # Data, optimiser and the per-epoch schedule, counted in optimiser steps.
     train_loader, validation_loader, train_collator = make_dataloaders(args, processor, config, data)
-    optimizer = torch.optim.AdamW(
-        optimizer_parameter_groups(model, args.weight_decay), lr=args.learning_rate, betas=tuple(args.adam_betas)
-    )
+    optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, args.adam_betas, args.fused_adamw)
     batches_per_process = math.ceil(len(train_loader) / accelerator.num_processes)
     steps_per_epoch = math.ceil(batches_per_process / args.gradient_accumulation_steps)
     schedule = EpochCosineSchedule(
@@ -1122,6 +1160,8 @@ def main(argv=None) -> dict:
     )
     configure_logging(accelerator)
     warn_about_setup(accelerator)
+    if args.tune_cpu_allocator and accelerator.device.type == "cpu" and not keep_freed_memory_in_heap():
+        logger.info("--tune_cpu_allocator needs glibc; training with the system allocator's settings.")
     try:
         # 3. Configuration, processor, data and labeler.
         config = load_model_config(args)

@@ -30,6 +30,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from configuration_kif import KifConfig  # noqa: E402
 from distillation_kif import kd_loss, relational_loss  # noqa: E402
 from modeling_kif import KifForConditionalGeneration  # noqa: E402
+from run_train import build_optimizer, keep_freed_memory_in_heap  # noqa: E402
 
 
 TINY_DIR = REPO_ROOT / "configs" / "kif-tiny"
@@ -37,6 +38,8 @@ TINY_DIR = REPO_ROOT / "configs" / "kif-tiny"
 ORIGINAL_RATIOS = {"distillation_step": 2.45, "generation": 2.03, "peak_memory_distillation": 1.8}
 TARGETS = {"phase1_step": 1.10, "distillation_step": 1.35, "generation": 1.05, "peak_memory_distillation": 1.30}
 KD_WEIGHTS = {"cls": 4.0, "kd": 0.01, "rel": 1.0, "temperature": 4.0}
+# run_train.py's optimiser settings; port and bare use the same optimiser (fused AdamW unless --no-fused_adamw).
+OPTIMIZER = {"learning_rate": 1e-5, "weight_decay": 0.05, "betas": (0.9, 0.999)}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -54,8 +57,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--teacher_dtype", default="bfloat16", choices=["float32", "bfloat16"],
         help="Weights of the frozen teacher, as run_train.py's --teacher_dtype.",
     )  # fmt: skip
+    parser.add_argument("--fused_adamw", action=argparse.BooleanOptionalAction, default=True,
+                        help="As run_train.py's flag, for the port and the bare components alike.")  # fmt: skip
+    parser.add_argument("--system_allocator", action="store_true",
+                        help="Time with glibc malloc's default settings instead of run_train.py's "
+                             "--tune_cpu_allocator settings (peak memory always uses the defaults).")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--sections", nargs="+", default=["train", "generate", "memory", "eval"])
     parser.add_argument("--output", default="bench_results.json")
     parser.add_argument("--memory_child", choices=["distillation", "bare"], help=argparse.SUPPRESS)
@@ -126,19 +134,27 @@ class BareComponents(torch.nn.Module):
         return self.decoder(input_ids, attention_mask=attention_mask, encoder_hidden_states=states, labels=labels)
 
 
-def median_seconds(step, repeats: int, warmup: int, device: str) -> float:
+def seconds(step, device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def interleaved_medians(steps: dict, repeats: int, warmup: int, device: str) -> dict:
+    """Median seconds of each step, the steps taking turns in every repetition: a slow spell of a shared machine then
+    hits port and bare alike instead of whichever happened to run during it."""
     for _ in range(warmup):
-        step()
-    times = []
+        for step in steps.values():
+            step()
+    times = {name: [] for name in steps}
     for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, step in steps.items():
+            times[name].append(seconds(step, device))
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 # ------------------------------------------------------------------------------------------------ training steps
@@ -158,7 +174,7 @@ def port_steps(config: KifConfig, args) -> dict:
     student = KifForConditionalGeneration(config).to(args.device).train()
     teacher = KifForConditionalGeneration(config).to(args.device, getattr(torch, args.teacher_dtype)).eval()
     teacher.requires_grad_(False)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)
+    optimizer = build_optimizer(student, **OPTIMIZER, fused=args.fused_adamw)
     batch = make_batch(config, args, args.batch_size)
 
     def phase1_step():
@@ -185,7 +201,7 @@ def port_steps(config: KifConfig, args) -> dict:
 def bare_training_step(config: KifConfig, args):
     """Forward + backward + AdamW of the bare components on the same batch."""
     bare = BareComponents(config, args.quick).to(args.device).train()
-    optimizer = torch.optim.AdamW(bare.parameters(), lr=1e-5)
+    optimizer = build_optimizer(bare, **OPTIMIZER, fused=args.fused_adamw)
     batch = make_batch(config, args, args.batch_size)
 
     def bare_step():
@@ -198,11 +214,11 @@ def bare_training_step(config: KifConfig, args):
 
 def bench_training(config, args) -> dict:
     steps = {**port_steps(config, args), "bare_step": bare_training_step(config, args)}
-    seconds = {name: median_seconds(step, args.repeats, args.warmup, args.device) for name, step in steps.items()}
+    medians = interleaved_medians(steps, args.repeats, args.warmup, args.device)
     return {
-        **{f"{name}_s": value for name, value in seconds.items()},
-        "phase1_step": seconds["phase1_step"] / seconds["bare_step"],
-        "distillation_step": seconds["distillation_step"] / seconds["bare_step"],
+        **{f"{name}_s": value for name, value in medians.items()},
+        "phase1_step": medians["phase1_step"] / medians["bare_step"],
+        "distillation_step": medians["distillation_step"] / medians["bare_step"],
     }
 
 
@@ -231,8 +247,10 @@ def bench_generation(config, args) -> dict:
                 pad_token_id=config.text_config.pad_token_id, **settings,
             )  # fmt: skip
 
-    port = median_seconds(port_generate, args.repeats, args.warmup, args.device)
-    reference = median_seconds(bare_generate, args.repeats, args.warmup, args.device)
+    medians = interleaved_medians(
+        {"port": port_generate, "bare": bare_generate}, args.repeats, args.warmup, args.device
+    )
+    port, reference = medians["port"], medians["bare"]
     return {
         "port_generate_s": port,
         "bare_generate_s": reference,
@@ -321,6 +339,7 @@ def main(argv=None) -> dict:
         return {}
 
     results = {"settings": {key: value for key, value in vars(args).items() if key != "memory_child"}}
+    results["settings"]["tuned_allocator"] = not args.system_allocator and keep_freed_memory_in_heap()
     if "train" in args.sections:
         results.update(bench_training(config, args))
     if "generate" in args.sections:

@@ -4,6 +4,7 @@ non-finite losses, LoRA, and the schedule / prior / argument helpers."""
 import json
 import math
 import os
+import platform
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoModel
 
 import run_train
+from configuration_kif import KifConfig
 from modeling_kif import KifForConditionalGeneration
 from processing_kif import KifProcessor
 from run_train import EpochCosineSchedule, NonFiniteLossError, updated_base_probs
@@ -419,6 +421,68 @@ def test_base_probs_update_by_hand():
     assert updated[0].item() == pytest.approx(0.3 / 0.6) and updated[1].item() == pytest.approx(1.0)
     assert updated[2].item() == pytest.approx(0.05) and torch.equal(updated[14:], torch.ones(4))
     assert torch.equal(previous, torch.full((18,), 0.05))  # not modified in place
+
+
+def test_optimizer_is_fused_adamw_with_decay_on_weight_matrices_only():
+    model = KifForConditionalGeneration(KifConfig.from_pretrained(TINY_DIR))
+    model.vision_model.requires_grad_(False)
+    optimizer = run_train.build_optimizer(model, 1e-3, 0.05, (0.9, 0.999))
+    decayed, undecayed = optimizer.param_groups
+    assert optimizer.defaults["fused"] is True
+    assert decayed["weight_decay"] == 0.05 and undecayed["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in decayed["params"]) and all(p.ndim < 2 for p in undecayed["params"])
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    grouped = [id(p) for group in optimizer.param_groups for p in group["params"]]
+    assert sorted(grouped) == sorted(trainable)  # every trainable parameter once, frozen ones not at all
+    assert not trainable & {id(p) for p in model.vision_model.parameters()}
+
+
+def test_fused_and_unfused_adamw_take_the_same_step():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
+    replica = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
+    replica.load_state_dict(model.state_dict())
+    initial = [parameter.detach().clone() for parameter in model.parameters()]
+    inputs = torch.randn(16, 8)
+    for network, fused in ((model, True), (replica, False)):
+        optimizer = run_train.build_optimizer(network, 1e-2, 0.05, (0.9, 0.999), fused=fused)
+        for _ in range(3):
+            network(inputs).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    for fused_parameter, reference, start in zip(model.parameters(), replica.parameters(), initial):
+        assert not torch.equal(fused_parameter, start)
+        torch.testing.assert_close(fused_parameter, reference)
+    assert run_train.parse_args([]).fused_adamw is True
+    assert run_train.parse_args(["--no-fused_adamw"]).fused_adamw is False
+
+
+# Allocates 64 blocks of 4 MiB, frees them, and allocates them again; prints the page faults of the second round.
+REFAULT_SCRIPT = """
+import resource, sys, torch
+import run_train
+if sys.argv[1] == "tuned":
+    assert run_train.keep_freed_memory_in_heap()
+def one_round():
+    blocks = [torch.ones(2**20) for _ in range(64)]
+    del blocks
+one_round()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+one_round()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the allocator settings are glibc's")
+def test_tuned_allocator_reuses_freed_memory_instead_of_refaulting_it():
+    def second_round_faults(mode: str) -> int:
+        command = [sys.executable, "-c", REFAULT_SCRIPT, mode]
+        return int(subprocess.run(command, cwd=REPO_DIR, capture_output=True, text=True, check=True).stdout)
+
+    system, tuned = second_round_faults("system"), second_round_faults("tuned")
+    assert system > 32 * 1024  # the 256 MiB came back from the kernel as fresh 4 KiB pages
+    assert tuned < system / 10
+    assert run_train.parse_args(["--no-tune_cpu_allocator"]).tune_cpu_allocator is False
 
 
 @pytest.mark.parametrize(
