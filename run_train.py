@@ -33,10 +33,10 @@ hyper-parameters, then a results table against a trivial baseline.
 import argparse
 import copy
 import ctypes
-import ctypes.util
 import json
 import logging
 import math
+import platform
 import re
 import shutil
 import zlib
@@ -140,6 +140,9 @@ PRESETS = {
 }
 # The paper's floor and warm-up start relative to the peak (5e-6 and 5e-7 for 5e-5), the defaults for any peak.
 MIN_LEARNING_RATE_RATIO = 0.1
+WARMUP_START_LEARNING_RATE_RATIO = 0.01
+TRAINING_DATA_PRESET = "paper"
+EMBEDDED_DEFAULT_PRESET = "synthetic-demo"
 # glibc malloc settings for CPU training (mallopt parameter number -> value). By default glibc hands every freed
 # block of 128 KiB-32 MiB back to the kernel, so each step re-faults gigabytes of fresh zeroed pages: on a 2-core
 # CPU a quarter of the full-size step was kernel time (bench/bench_kif.py). Keeping freed memory in the heap, as
@@ -149,9 +152,6 @@ GLIBC_MALLOPT = {
     -1: 2**31 - 1,  # M_TRIM_THRESHOLD: never give the heap's top back
     -2: 2**30,  # M_TOP_PAD: grow the heap in 1 GiB steps
 }
-WARMUP_START_LEARNING_RATE_RATIO = 0.01
-TRAINING_DATA_PRESET = "paper"
-EMBEDDED_DEFAULT_PRESET = "synthetic-demo"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -395,12 +395,9 @@ def keep_freed_memory_in_heap() -> bool:
     """Apply GLIBC_MALLOPT to this process (and the data-loader workers it forks). Returns False, changing nothing,
     where the C library is not glibc. Written by hand because no library of the field tunes the host allocator:
     PyTorch's CPU performance guide recommends preloading jemalloc or tcmalloc, which a pip install cannot do."""
-    library = ctypes.util.find_library("c")
-    if library is None:
+    if platform.libc_ver()[0] != "glibc":
         return False
-    libc = ctypes.CDLL(library)
-    if not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
-        return False
+    libc = ctypes.CDLL(None)  # the symbols this process already has, glibc's among them
     libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     return all(libc.mallopt(parameter, value) == 1 for parameter, value in GLIBC_MALLOPT.items())
 

@@ -1,6 +1,7 @@
 """run_train.py on the tiny configuration and a small synthetic data set: phases, distillation, two processes, resume,
 non-finite losses, LoRA, and the schedule / prior / argument helpers."""
 
+import copy
 import json
 import math
 import os
@@ -440,8 +441,7 @@ def test_optimizer_is_fused_adamw_with_decay_on_weight_matrices_only():
 def test_fused_and_unfused_adamw_take_the_same_step():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
-    replica = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
-    replica.load_state_dict(model.state_dict())
+    replica = copy.deepcopy(model)
     initial = [parameter.detach().clone() for parameter in model.parameters()]
     inputs = torch.randn(16, 8)
     for network, fused in ((model, True), (replica, False)):
